@@ -38,7 +38,7 @@ locked_checksum() {
 
 mkdir -p "$out_parent"
 
-# Serializes concurrent runs (two shells, or make -j) so neither sees a half-built tree.
+# Serializes concurrent runs (two shells, or make -j), so that neither reads a half-built tree.
 exec 9>"$out_parent/.apply.lock"
 flock 9
 
