@@ -9,8 +9,11 @@ patch:
 build: patch
 	cargo build --release --locked
 
+# Flags for `make run`, as in: make run ARGS="--listen 127.0.0.1:2121 --passive-ports 50000-50019"
+ARGS ?=
+
 run: build
-	./target/release/ftpsd
+	./target/release/ftpsd $(ARGS)
 
 test: patch
 	.ci/test

@@ -11,7 +11,7 @@ use std::{
 
 use argon2::{
     Argon2,
-    password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng},
+    password_hash::{PasswordHash, PasswordHasher, SaltString, rand_core::OsRng},
 };
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -84,7 +84,7 @@ impl UserDb {
     }
 
     fn from_toml(text: &str, origin: &str) -> Result<UserDb, String> {
-        let file: UsersFile = toml::from_str(text).map_err(|error| format!("invalid users file {origin}: {error}"))?;
+        let file: UsersFile = toml::from_str(text).map_err(|error| describe_toml_error(&error, text, origin))?;
         let mut db = UserDb::default();
         let mut problems = Vec::new();
 
@@ -102,10 +102,8 @@ impl UserDb {
                 ));
                 continue;
             }
-            if let Err(error) = PasswordHash::new(&entry.password_hash.0) {
-                problems.push(format!(
-                    "{context}: password_hash is not a PHC hash string ({error}): create one with `ftpsd hash-password`"
-                ));
+            if let Err(problem) = check_hash(&entry.password_hash.0) {
+                problems.push(format!("{context}: password_hash {problem}: create one with `ftpsd hash-password`"));
                 continue;
             }
             if let Some(home) = &entry.home
@@ -176,6 +174,18 @@ impl UserDb {
     }
 }
 
+/// Describes a parse error by line and column. toml's own Display quotes the offending line,
+/// which would put a password typed by mistake into the log.
+fn describe_toml_error(error: &toml::de::Error, text: &str, origin: &str) -> String {
+    let position = error.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |newline| newline + 1) + 1;
+        format!(" at line {line}, column {column}")
+    });
+    format!("invalid users file {origin}{}: {}", position.unwrap_or_default(), error.message())
+}
+
 /// Accepts names that are safe in logs, paths and FTP commands.
 fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
@@ -205,11 +215,78 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-fn verify_password(password: &str, hash: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
-        Err(_) => false,
+/// Largest argon2 memory cost accepted in a users file, in KiB. Each login in progress holds this
+/// much memory, so a hash with a huge cost is a way to exhaust the pod's memory limit.
+const MAX_HASH_MEMORY_KIB: u32 = 64 * 1024;
+/// Largest argon2 time cost (passes) accepted in a users file.
+const MAX_HASH_PASSES: u32 = 10;
+
+/// Accepts argon2id PHC strings with a hash part and costs within the limits above.
+fn check_hash(hash: &str) -> Result<(), String> {
+    let parsed = PasswordHash::new(hash).map_err(|error| format!("is not a PHC hash string ({error})"))?;
+    if parsed.algorithm.as_str() != "argon2id" {
+        return Err(format!("uses {}, but only argon2id is accepted", parsed.algorithm));
     }
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err("has no salt or no hash part (it looks truncated)".to_string());
+    }
+    let params = argon2::Params::try_from(&parsed).map_err(|error| format!("has invalid argon2 parameters ({error})"))?;
+    if params.m_cost() > MAX_HASH_MEMORY_KIB || params.t_cost() > MAX_HASH_PASSES {
+        return Err(format!(
+            "costs m={} KiB, t={}, above the limits m={MAX_HASH_MEMORY_KIB} KiB, t={MAX_HASH_PASSES} that keep logins within memory",
+            params.m_cost(),
+            params.t_cost()
+        ));
+    }
+    Ok(())
+}
+
+/// Caps the password checks that run at once. Each argon2id check with the default cost holds
+/// 19 MiB while it runs, so without a cap a burst of logins, wrong passwords included, grows the
+/// process by that much per login (seen: 100 parallel wrong passwords took it to 2 GB).
+static VERIFICATIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    tokio::sync::Semaphore::new(cores.clamp(2, 8))
+});
+
+/// Argon2 working memory, one buffer per check that the semaphore above lets run, allocated once
+/// and reused. Allocating 19 MiB per login instead made glibc's heap grow by about 10 MiB per
+/// login, memory it never returned.
+static MEMORY_POOL: std::sync::Mutex<Vec<Vec<argon2::Block>>> = std::sync::Mutex::new(Vec::new());
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return false;
+    };
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return false;
+    };
+    let (Ok(params), Ok(algorithm)) = (argon2::Params::try_from(&parsed), argon2::Algorithm::try_from(parsed.algorithm)) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_bytes = [0_u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+
+    let mut memory = MEMORY_POOL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .pop()
+        .unwrap_or_default();
+    memory.resize(params.block_count(), argon2::Block::default());
+    let mut output = vec![0_u8; expected.len()];
+    let computed =
+        Argon2::new(algorithm, version, params).hash_password_into_with_memory(password.as_bytes(), salt, &mut output, &mut memory[..]);
+    MEMORY_POOL.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(memory);
+
+    // password_hash::Output compares in constant time.
+    computed.is_ok() && argon2::password_hash::Output::new(&output).is_ok_and(|output| output == expected)
 }
 
 /// The logged-in user that libunftp hands to the storage backend.
@@ -281,6 +358,8 @@ impl Authenticator for Users {
             None => (self.dummy_hash.clone(), false),
         };
         // argon2 takes tens of milliseconds of CPU: keep it off the async worker threads.
+        // The semaphore is never closed, so acquire() cannot fail.
+        let _permit = VERIFICATIONS.acquire().await.expect("the verification semaphore is never closed");
         let matches = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
             .await
             .map_err(|error| AuthenticationError::with_source("password check failed", error))?;
@@ -395,12 +474,33 @@ mod tests {
                 "'..'",
             ),
             ("[[users]]\nname = \"eve\"\npassword = \"secret\"\n", "unknown field"),
+            (
+                "[[users]]\nname = \"ivan\"\npassword_hash = \"$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\"\n",
+                "only argon2id",
+            ),
+            (
+                "[[users]]\nname = \"tim\"\npassword_hash = \"$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ\"\n",
+                "truncated",
+            ),
+            (
+                "[[users]]\nname = \"max\"\npassword_hash = \"$argon2id$v=19$m=4194304,t=100,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\"\n",
+                "above the limits",
+            ),
         ];
         for (text, expected) in cases {
             let problem = UserDb::from_toml(text, "users.toml").unwrap_err();
             assert!(problem.contains("users.toml"), "{problem}");
             assert!(problem.contains(expected), "{text}: {problem}");
         }
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_file() {
+        let problem = UserDb::from_toml("[[users]]\nname = \"eve\"\npassword = \"hunter2\"\n", "users.toml").unwrap_err();
+        assert!(problem.contains("users.toml at line 3, column 1"), "{problem}");
+        assert!(problem.contains("unknown field `password`"), "{problem}");
+        assert!(!problem.contains("hunter2"), "{problem}");
+        assert!(!problem.contains('\n'), "{problem}");
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub struct ServerConfig {
     pub greeting: String,
     /// Seconds a logged-in session may stay silent before the server closes it.
     pub idle_timeout_secs: u64,
-    /// Seconds that in-flight transfers get to finish after SIGTERM or SIGINT.
+    /// Seconds that in-flight transfers get to finish after SIGTERM or SIGINT. Keep it below the
+    /// pod's `terminationGracePeriodSeconds` (30 by default), which ends in SIGKILL.
     pub drain_timeout_secs: u64,
 }
 
@@ -136,15 +137,35 @@ impl Default for StorageConfig {
 }
 
 /// Users and anonymous access.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// TOML file with `[[users]]` entries; see `crate::auth`.
+    /// TOML file with `[[users]]` entries; see `crate::auth`. Reloaded on change and on SIGHUP.
     pub users_file: Option<PathBuf>,
     /// Accept `anonymous` and `ftp` with any password, read-only.
     pub anonymous: bool,
     /// Subdirectory of `storage.data_dir` that anonymous users see as their root.
     pub anonymous_home: Option<PathBuf>,
+    /// Consecutive failed logins of one user from one address before that pair is locked out;
+    /// 0 turns the lockout off.
+    pub max_failed_logins: u32,
+    /// Seconds after the last failed login that a lockout lasts.
+    pub lockout_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: None,
+            anonymous: false,
+            anonymous_home: None,
+            // Off by default: behind a Kubernetes Service without externalTrafficPolicy: Local,
+            // every client comes from a node address, and a lockout by user and address would
+            // lock out the real user together with the attacker.
+            max_failed_logins: 0,
+            lockout_secs: 300,
+        }
+    }
 }
 
 /// Log output.
@@ -154,6 +175,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter directive such as `info` or `ftpsd=debug,libunftp=warn`.
     pub level: String,
+    /// File that gets one line per transfer in the xferlog format of wu-ftpd, vsftpd and ProFTPD;
+    /// unset turns it off. The file is reopened on SIGHUP, for log rotation.
+    pub xferlog_file: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -161,6 +185,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".to_string(),
+            xferlog_file: None,
         }
     }
 }
@@ -332,6 +357,27 @@ impl Config {
             problems.push(problem);
         }
 
+        // NOTE: libunftp 0.24.0's pooled mode releases a reservation by client address and port
+        // alone, so two sessions from one address (clients behind the same NAT) can swap data
+        // connections and one receives the other's file. Until that is patched, it stays off.
+        if self.passive.mode == PassiveMode::Pooled {
+            problems.push(
+                "passive.mode = \"pooled\" is disabled: in this libunftp release it can hand one session's data connection to another session from the same client address; use \"per-session\"".to_string(),
+            );
+        }
+
+        for (key, mode, allowed) in [
+            ("storage.file_mode", self.storage.file_mode, 0o777),
+            ("storage.dir_mode", self.storage.dir_mode, 0o2777),
+        ] {
+            if mode.0 & !allowed != 0 {
+                problems.push(format!(
+                    "{key} = {:04o} sets setuid, sticky or (on files) setgid bits: use permission bits such as \"0644\"; a TOML integer is read as decimal, so write modes as strings",
+                    mode.0
+                ));
+            }
+        }
+
         match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(_), None) => problems
                 .push("tls.cert_file is set but tls.key_file is not: set both, or neither to use a generated certificate".to_string()),
@@ -342,6 +388,17 @@ impl Config {
 
         if self.server.idle_timeout_secs == 0 {
             problems.push("server.idle_timeout_secs = 0: use a number of seconds greater than 0".to_string());
+        }
+
+        if self.auth.max_failed_logins > 0 && self.auth.lockout_secs == 0 {
+            problems.push(format!(
+                "auth.lockout_secs = 0 with auth.max_failed_logins = {}: use a number of seconds greater than 0, or set auth.max_failed_logins = 0 to turn the lockout off",
+                self.auth.max_failed_logins
+            ));
+        }
+
+        if self.log.xferlog_file.as_ref().is_some_and(|path| path.as_os_str().is_empty()) {
+            problems.push("log.xferlog_file is empty: give a file path, or remove the key to turn the transfer log off".to_string());
         }
 
         if !self.admin.listen.is_empty() {
@@ -367,6 +424,15 @@ impl Config {
             }
         }
 
+        for directive in self.log.level.split(',').map(str::trim).filter(|directive| !directive.is_empty()) {
+            let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+            if !["trace", "debug", "info", "warn", "error", "off"].contains(&level.to_ascii_lowercase().as_str()) {
+                problems.push(format!(
+                    "log.level = {:?}: {level:?} is not a level: use trace, debug, info, warn, error or off, optionally as TARGET=LEVEL",
+                    self.log.level
+                ));
+            }
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             problems.push(format!(
                 "log.level = {:?} is not a valid filter ({error}): use a level such as \"info\"",
@@ -406,6 +472,11 @@ pub fn parse_passive_host(value: &str) -> Result<PassiveHost, String> {
         return Ok(PassiveHost::FromConnection);
     }
     match value.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() => {
+            return Err(format!(
+                "passive.host = {value:?} is not an address clients can connect to: use the address of this server or its LoadBalancer, a DNS name or \"from-connection\""
+            ));
+        }
         Ok(IpAddr::V4(ip)) => return Ok(PassiveHost::Ip(ip)),
         Ok(IpAddr::V6(_)) => {
             return Err(format!(
@@ -457,8 +528,15 @@ pub fn parse_port_range(value: &str) -> Result<RangeInclusive<u16>, String> {
 fn environment_keys(environment: impl IntoIterator<Item = (String, String)>) -> config::Map<String, String> {
     environment
         .into_iter()
-        .filter(|(name, _)| name.starts_with("FTPSD_") && name != ENV_CONFIG_FILE)
+        .filter(|(name, _)| name.starts_with("FTPSD_") && name != ENV_CONFIG_FILE && !is_service_link(name))
         .collect()
+}
+
+/// Recognizes the variables that the kubelet injects for a Service named `ftpsd`
+/// (`FTPSD_SERVICE_HOST`, `FTPSD_PORT_21_TCP_ADDR`, ...), which share the `FTPSD_` prefix but are
+/// not configuration keys.
+fn is_service_link(name: &str) -> bool {
+    name == "FTPSD_PORT" || name.starts_with("FTPSD_PORT_") || name.starts_with("FTPSD_SERVICE_")
 }
 
 fn apply_overrides(
@@ -495,14 +573,20 @@ fn apply_overrides(
 /// Rewords a `config` crate error so that it names the source and the offending key.
 fn describe_load_error(error: &config::ConfigError, file: Option<&Path>) -> String {
     let source = match file {
-        Some(path) => format!("{} or the {ENV_PREFIX}_* environment", path.display()),
-        None => format!("the {ENV_PREFIX}_* environment"),
+        Some(path) => format!("{}, the {ENV_PREFIX}_* environment or a flag", path.display()),
+        None => format!("the {ENV_PREFIX}_* environment or a flag"),
     };
-    let text = error.to_string();
+    // The config crate appends "in FILE" itself for file errors; the source list below replaces it.
+    let mut text = error.to_string();
+    if let Some(path) = file {
+        text = text.replace(&format!(" in {}", path.display()), "");
+    }
     if text.contains("unknown field") {
-        format!("{text} in {source}: remove the key or fix its spelling (see `ftpsd --help` and docs/configuration.md)")
+        format!("{text} (set in {source}): remove the key or fix its spelling (see `ftpsd --help` and docs/configuration.md)")
+    } else if text.contains("does not have variant constructor") {
+        format!("{text} (set in {source}): passive.mode takes \"per-session\" or \"pooled\", log.format takes \"text\" or \"json\"")
     } else {
-        format!("{text} in {source}")
+        format!("{text} (set in {source}): see docs/configuration.md for the expected type")
     }
 }
 
@@ -532,9 +616,13 @@ mod tests {
 
     #[test]
     fn precedence_is_file_then_env_then_flags() {
-        let toml =
-            "[server]\nlisten = \"127.0.0.1:2001\"\ngreeting = \"from file\"\n[passive]\nports = \"40000-40009\"\nhost = \"192.0.2.1\"\n";
-        let environment = [("FTPSD_SERVER__LISTEN", "127.0.0.1:2002"), ("FTPSD_PASSIVE__PORTS", "41000-41009")];
+        let toml = "[server]\nlisten = \"127.0.0.1:2001\"\ngreeting = \"from file\"\n[passive]\nports = \"40000-40009\"\nhost = \"192.0.2.1\"\n[log]\nxferlog_file = \"/var/log/file.xferlog\"\n[auth]\nmax_failed_logins = 3\n";
+        let environment = [
+            ("FTPSD_SERVER__LISTEN", "127.0.0.1:2002"),
+            ("FTPSD_PASSIVE__PORTS", "41000-41009"),
+            ("FTPSD_LOG__XFERLOG_FILE", "/var/log/env.xferlog"),
+            ("FTPSD_AUTH__LOCKOUT_SECS", "60"),
+        ];
         let overrides = Overrides {
             listen: Some("127.0.0.1:2003".to_string()),
             ..Overrides::default()
@@ -547,6 +635,21 @@ mod tests {
         assert_eq!(config.passive.host, "192.0.2.1", "the file beats the default");
         assert_eq!(config.server.greeting, "from file");
         assert_eq!(config.server.idle_timeout_secs, 600, "an unset key keeps its default");
+        assert_eq!(config.log.xferlog_file, Some(PathBuf::from("/var/log/env.xferlog")));
+        assert_eq!(config.auth.max_failed_logins, 3);
+        assert_eq!(config.auth.lockout_secs, 60);
+        assert_eq!(config.server.drain_timeout_secs, 25);
+    }
+
+    #[test]
+    fn lockout_without_duration_is_rejected() {
+        let errors = load(
+            Some("[auth]\nmax_failed_logins = 5\nlockout_secs = 0\n"),
+            &[],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(errors.to_string().contains("auth.lockout_secs = 0"), "{errors}");
     }
 
     #[test]
@@ -602,7 +705,47 @@ mod tests {
     }
 
     #[test]
+    fn service_link_variables_are_ignored() {
+        let environment = [
+            ("FTPSD_SERVICE_HOST", "10.96.0.12"),
+            ("FTPSD_PORT", "tcp://10.96.0.12:21"),
+            ("FTPSD_PORT_21_TCP_ADDR", "10.96.0.12"),
+        ];
+        assert!(load(None, &environment, &Overrides::default()).is_ok());
+        let errors = load(None, &[("FTPSD_PASSIVE_PORTS", "1-2")], &Overrides::default()).unwrap_err();
+        assert!(errors.to_string().contains("passive_ports"), "{errors}");
+    }
+
+    #[test]
+    fn misspelt_levels_and_modes_are_rejected() {
+        for level in ["warning", "loud", "ftpsd=verbose"] {
+            let overrides = Overrides {
+                log_level: Some(level.to_string()),
+                ..Overrides::default()
+            };
+            let errors = load(None, &[], &overrides).unwrap_err();
+            assert!(errors.to_string().contains("log.level"), "{level}: {errors}");
+        }
+        let errors = load(Some("[storage]\nfile_mode = 644\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(errors.to_string().contains("storage.file_mode = 1204"), "{errors}");
+        let errors = load(Some("[storage]\nfile_mode = \"4755\"\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(errors.to_string().contains("setuid"), "{errors}");
+        assert!(load(Some("[storage]\ndir_mode = \"2750\"\n"), &[], &Overrides::default()).is_ok());
+    }
+
+    #[test]
+    fn pooled_mode_is_rejected() {
+        let errors = load(Some("[passive]\nmode = \"pooled\"\n"), &[], &Overrides::default()).unwrap_err();
+        assert!(errors.to_string().contains("passive.mode"), "{errors}");
+    }
+
+    #[test]
     fn passive_host_forms() {
+        assert!(
+            parse_passive_host("0.0.0.0")
+                .unwrap_err()
+                .contains("not an address clients can connect to")
+        );
         assert_eq!(parse_passive_host("from-connection"), Ok(PassiveHost::FromConnection));
         assert_eq!(parse_passive_host("203.0.113.7"), Ok(PassiveHost::Ip([203, 0, 113, 7].into())));
         assert_eq!(

@@ -4,8 +4,10 @@
 //! - [`tls`]: certificate loading, self-signed generation and the rustls configuration.
 //! - [`auth`]: the users file, argon2id hashes, and the libunftp authenticator.
 //! - [`storage`]: the unftp-sbe-fs backend wrapped for atomic uploads, modes and transfer logs.
-//! - [`server`]: checks everything, then wires the pieces into a running libunftp server.
-//! - [`telemetry`] and [`metrics`]: tracing setup, the libunftp log bridge, Prometheus metrics.
+//! - [`server`]: checks everything, then wires the pieces into a running libunftp server; its
+//!   submodules serve the admin HTTP endpoints and reload certificates and users.
+//! - [`telemetry`] and [`metrics`]: tracing setup, the libunftp log bridge, the xferlog file,
+//!   Prometheus metrics.
 //!
 //! docs/architecture.md follows one session from accept to reply.
 

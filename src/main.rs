@@ -1,10 +1,11 @@
 //! The `ftpsd` command: parses flags, loads the configuration and runs the server or a helper
 //! subcommand. Everything else lives in the library crate.
 
-use std::{io::Read, path::PathBuf, process::ExitCode};
+use std::{io::Read, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use ftpsd::config::{Config, ENV_CONFIG_FILE, LogFormat, Overrides};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// An FTPS server for Kubernetes volumes.
 ///
@@ -189,7 +190,11 @@ fn serve(settings: &Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ftpsd::server::run(prepared, shutdown_signal())) {
+    let result = runtime.block_on(ftpsd::server::run(prepared, shutdown_signal()));
+    // Sessions still open after the drain deadline are cut here. Blocking tasks (an fsync, an
+    // argon2 hash) cannot be cancelled, so the exit waits for them for a moment only.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "ftpsd failed");
@@ -199,15 +204,26 @@ fn serve(settings: &Settings) -> ExitCode {
     }
 }
 
-/// Completes on the first SIGTERM or SIGINT.
+/// Completes on the first SIGTERM or SIGINT, which starts the drain. A second one during the
+/// drain ends the process at once, with the shell's status for death by that signal (128 + its
+/// number), because transfers in flight are cut.
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot install signal handlers; stop the server with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
-    }
+    let first = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    tracing::info!(signal = first, "shutting down; send the signal again to exit at once");
+
+    tokio::spawn(async move {
+        let (name, kind) = tokio::select! {
+            _ = terminate.recv() => ("SIGTERM", SignalKind::terminate()),
+            _ = interrupt.recv() => ("SIGINT", SignalKind::interrupt()),
+        };
+        tracing::warn!(signal = name, "second signal: exiting at once, cutting the transfers in flight");
+        std::process::exit(128 + kind.as_raw_value());
+    });
 }

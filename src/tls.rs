@@ -123,12 +123,15 @@ fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
 }
 
 /// A loaded certificate chain and key, with the facts that logs and metrics report.
+#[derive(Debug, Clone)]
 pub struct LoadedCertificate {
     pub key: Arc<CertifiedKey>,
     /// Expiry of the leaf certificate.
     pub not_after: SystemTime,
     /// Hex serial number of the leaf certificate.
     pub serial: String,
+    /// The certificate file it was read from.
+    pub source: PathBuf,
 }
 
 /// Reads and checks a PEM certificate chain and its private key.
@@ -169,6 +172,7 @@ pub fn load_certificate(files: &CertificateFiles) -> Result<LoadedCertificate, T
         key: Arc::new(certified),
         not_after,
         serial,
+        source: files.cert.clone(),
     })
 }
 
@@ -182,27 +186,31 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Option<(SystemTime, String)> {
 /// without touching sessions that already completed their handshake.
 #[derive(Debug)]
 pub struct CertificateStore {
-    current: RwLock<Arc<CertifiedKey>>,
+    current: RwLock<Arc<LoadedCertificate>>,
 }
 
 impl CertificateStore {
-    pub fn new(key: Arc<CertifiedKey>) -> Self {
-        CertificateStore { current: RwLock::new(key) }
+    pub fn new(certificate: LoadedCertificate) -> Self {
+        CertificateStore {
+            current: RwLock::new(Arc::new(certificate)),
+        }
     }
 
-    pub fn replace(&self, key: Arc<CertifiedKey>) {
+    /// Serves `certificate` to new TLS sessions from now on and returns the one it replaces.
+    pub fn replace(&self, certificate: LoadedCertificate) -> Arc<LoadedCertificate> {
         // A poisoned lock only means a writer panicked mid-assignment of an Arc; the value is whole.
-        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = key;
+        let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        std::mem::replace(&mut *current, Arc::new(certificate))
     }
 
-    pub fn current(&self) -> Arc<CertifiedKey> {
+    pub fn current(&self) -> Arc<LoadedCertificate> {
         self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 }
 
 impl ResolvesServerCert for CertificateStore {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        Some(self.current().key.clone())
     }
 }
 
@@ -318,6 +326,21 @@ mod tests {
         let error = load_certificate(&mixed).err().unwrap();
         assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
         assert!(error.to_string().contains(&second.key.display().to_string()));
+    }
+
+    #[test]
+    fn replace_serves_the_new_certificate() {
+        let one = tempfile::tempdir().unwrap();
+        let two = tempfile::tempdir().unwrap();
+        let first = load_certificate(&certificate_files(&tls_config(one.path()), &PassiveHost::FromConnection).unwrap()).unwrap();
+        let second = load_certificate(&certificate_files(&tls_config(two.path()), &PassiveHost::FromConnection).unwrap()).unwrap();
+        let (first_serial, second_serial) = (first.serial.clone(), second.serial.clone());
+
+        let store = CertificateStore::new(first);
+        let previous = store.replace(second);
+
+        assert_eq!(previous.serial, first_serial);
+        assert_eq!(store.current().serial, second_serial);
     }
 
     #[test]

@@ -11,8 +11,10 @@ from conftest import PASSWORD
 # Bound for every reply and socket operation that has no tighter bound of its own, in seconds.
 TIMEOUT = 10
 
-# Both values of `passive.mode`: a listener bound per PASV, or the whole range bound at start.
-PASSIVE_MODES = ["per-session", "pooled"]
+# The passive modes that ftpsd accepts. `pooled` (the whole range bound at start) is rejected at
+# start-up until its cross-session reservation fault is patched; test_pooled_mode_is_refused
+# checks that.
+PASSIVE_MODES = ["per-session"]
 
 
 @pytest.fixture(params=PASSIVE_MODES)

@@ -10,6 +10,7 @@ import re
 import socket
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -532,3 +533,58 @@ def test_json_logs_are_one_object_per_line(make_server):
     assert transfer["level"] == "INFO"
     started = next(event for event in events if event.get("message") == "session started")
     assert started["session_id"].startswith("0x")
+
+
+def test_homes_cannot_be_removed_or_renamed(make_server):
+    users = [{"name": "admin"}, {"name": "carol", "home": "carol"}, {"name": "erin", "home": "shared/erin"}]
+    server = make_server(users=users).start()
+    client = server.ftps(user="admin")
+    for command in ("RMD carol", "RMD shared", "RMD /shared/erin", "RMD shared/../carol"):
+        with pytest.raises(ftplib.error_perm, match="^550"):
+            client.sendcmd(command)
+    for source in ("carol", "shared"):
+        client.sendcmd(f"RNFR {source}")
+        with pytest.raises(ftplib.error_perm, match="^550"):
+            client.sendcmd("RNTO moved")
+    client.mkd("scratch")
+    client.rmd("scratch")
+    client.quit()
+
+    for name in ("carol", "erin"):
+        other = server.ftps(user=name)
+        assert other.pwd() == "/"
+        other.quit()
+
+
+def test_missing_home_is_created_at_login(server):
+    (server.data_dir / "bob").rmdir()
+    client = server.ftps(user="bob")
+    client.storbinary("STOR back.txt", io.BytesIO(b"home again"))
+    client.quit()
+    assert (server.data_dir / "bob" / "back.txt").read_bytes() == b"home again"
+    server.wait_for_log(r"created the missing home directory.*user=bob")
+
+
+def test_parallel_wrong_passwords_keep_memory_bounded(server):
+    def wrong_login(_):
+        with pytest.raises(ftplib.error_perm, match="^530"):
+            server.ftps(password="wrong", timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=40) as pool:
+        list(pool.map(wrong_login, range(40)))
+
+    status = (Path(f"/proc/{server.process.pid}/status")).read_text()
+    resident_kib = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    # Unbounded argon2id checks took this past 450 MiB; two reused 19 MiB buffers stay far below.
+    assert resident_kib < 120 * 1024, f"peak resident memory {resident_kib} KiB"
+
+
+def test_busy_control_port_is_named(server, tmp_path):
+    result = run_binary(
+        "--listen", f"127.0.0.1:{server.port}", "--passive-ports", f"{server.passive_start}-{server.passive_end}",
+        "--data-dir", str(tmp_path / "data"), cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert f"server.listen = 127.0.0.1:{server.port}" in result.stderr.decode()
+    assert "Address already in use" in result.stderr.decode()
+    assert "ftpsd started" not in result.stderr.decode()
