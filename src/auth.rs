@@ -215,7 +215,7 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-/// Largest argon2 memory cost accepted in a users file, in KiB. Each login in progress holds this
+/// Largest argon2 memory cost accepted in a users file, in KiB. Each login in progress uses this
 /// much memory, so a hash with a huge cost is a way to exhaust the pod's memory limit.
 const MAX_HASH_MEMORY_KIB: u32 = 64 * 1024;
 /// Largest argon2 time cost (passes) accepted in a users file.
@@ -241,7 +241,7 @@ fn check_hash(hash: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Caps the password checks that run at once. Each argon2id check with the default cost holds
+/// Caps the password checks that run at once. Each argon2id check with the default cost uses
 /// 19 MiB while it runs, so without a cap a burst of logins, wrong passwords included, grows the
 /// process by that much per login (seen: 100 parallel wrong passwords took it to 2 GB).
 static VERIFICATIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {

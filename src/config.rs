@@ -56,7 +56,7 @@ impl Default for ServerConfig {
     }
 }
 
-/// How the passive data ports are bound and advertised.
+/// Passive data port range, advertised address and listener mode.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PassiveConfig {
@@ -78,7 +78,7 @@ impl Default for PassiveConfig {
     }
 }
 
-/// How passive listeners are bound.
+/// Passive listener binding strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PassiveMode {
@@ -443,13 +443,13 @@ impl Config {
         problems
     }
 
-    /// The control listener address; valid after [`Config::load`].
+    /// Returns the control listener address; valid after [`Config::load`].
     pub fn listen_address(&self) -> SocketAddr {
         // validate() rejected anything that does not parse.
         self.server.listen.parse().expect("server.listen was validated")
     }
 
-    /// The passive port range; valid after [`Config::load`].
+    /// Returns the passive port range; valid after [`Config::load`].
     pub fn passive_ports(&self) -> RangeInclusive<u16> {
         parse_port_range(&self.passive.ports).expect("passive.ports was validated")
     }

@@ -217,7 +217,7 @@ where
     }
 
     // libunftp binds inside listen() and reports a busy port only as "io error", after the start
-    // line; a trial bind here names the address and the fix. Another process can still take the
+    // line. A trial bind here names the address and the fix. Another process can still take the
     // port between the two binds, which libunftp then reports.
     if let Err(error) = std::net::TcpListener::bind(config.listen_address()) {
         anyhow::bail!(

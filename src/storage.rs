@@ -342,7 +342,7 @@ impl StorageBackend<FtpUser> for SiteStorage {
         let path_text = path.as_ref().display().to_string();
         let reader = self.inner()?.get(user, path, start_pos).await?;
         // unftp-sbe-fs reads through a 4 KiB buffer, which costs one blocking-pool round trip per
-        // 4 KiB. A larger buffer on top asks for big reads, and tokio's BufReader passes a read
+        // 4 KiB. A larger buffer on top issues big reads, and tokio's BufReader passes a read
         // larger than its own buffer straight through to the file.
         let reader = tokio::io::BufReader::with_capacity(DOWNLOAD_BUFFER, reader);
         Ok(Box::new(LoggedReader {
@@ -465,8 +465,8 @@ const REFUSED_UPLOAD_DRAIN_BYTES: u64 = 16 * 1024 * 1024;
 const REFUSED_UPLOAD_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads and discards a refused upload before the refusal is returned. libunftp has already sent
-/// 150 and the client is writing; closing at once would hand the client a broken pipe in place of
-/// the 550 reply. Large refused uploads are cut after a bounded drain.
+/// 150 and the client is writing, so closing at once would hand the client a broken pipe in place
+/// of the 550 reply. Large refused uploads are cut after a bounded drain.
 async fn refuse_upload<R: AsyncRead + Unpin>(input: R, refusal: Error) -> Error {
     let mut limited = input.take(REFUSED_UPLOAD_DRAIN_BYTES);
     let _ = tokio::time::timeout(REFUSED_UPLOAD_DRAIN_TIME, tokio::io::copy(&mut limited, &mut tokio::io::sink())).await;

@@ -336,17 +336,22 @@ def test_pod_configuration_passes_check_config(rendering, tmp_path, ftpsd_binary
     assert 'format = "json"' in effective
 
 
-def test_service_link_variables_rejected(rendering, tmp_path, ftpsd_binary):
-    """The reason for enableServiceLinks: false. The kubelet would add these variables for the
-    Service named ftpsd."""
+def test_service_link_variables_ignored(rendering, tmp_path, ftpsd_binary):
+    """A manifest without enableServiceLinks: false gets these variables for the Service named
+    ftpsd; they share the FTPSD_ prefix but are not keys, so ftpsd ignores them. A misspelt key
+    is still rejected."""
     environment = pod_environment(rendering, tmp_path)
     environment["FTPSD_PORT"] = "tcp://192.0.2.1:21"
+    environment["FTPSD_PORT_21_TCP_ADDR"] = "192.0.2.1"
     environment["FTPSD_SERVICE_HOST"] = "192.0.2.1"
 
     result = check_config(environment, tmp_path)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
 
-    assert result.returncode != 0
-    assert "unknown field" in result.stderr.decode(errors="replace")
+    environment["FTPSD_PASSIVE_HOST"] = "192.0.2.1"
+    misspelt = check_config(environment, tmp_path)
+    assert misspelt.returncode != 0
+    assert "passive_host" in misspelt.stderr.decode(errors="replace")
 
 
 def test_placeholder_users_file_rejected(rendering, tmp_path, ftpsd_binary):
