@@ -20,7 +20,7 @@ from conftest import PASSWORD, Server, require_tool  # noqa: E402
 
 MIB = 1024 * 1024
 
-# Targets on loopback; bench/README.md says where they come from.
+# Targets on loopback. bench/README.md explains the choice of each.
 TARGETS = {
     "upload_mib_s": 100.0,
     "download_mib_s": 100.0,

@@ -24,7 +24,7 @@ const ANONYMOUS_NAMES: [&str; 2] = ["anonymous", "ftp"];
 pub const GENERATED_USER: &str = "ftpsd";
 
 /// Separates the user name from the peer address inside a [`Principal`]. libunftp hands the
-/// provider only the principal, and the transfer log needs the peer; a control character cannot
+/// provider only the principal, but the transfer log needs the peer. A control character cannot
 /// occur in a user name that passed [`valid_user_name`].
 const PRINCIPAL_SEPARATOR: char = '\n';
 
@@ -242,8 +242,8 @@ fn check_hash(hash: &str) -> Result<(), String> {
 }
 
 /// Caps the password checks that run at once. Each argon2id check with the default cost uses
-/// 19 MiB while it runs, so without a cap a burst of logins, wrong passwords included, grows the
-/// process by that much per login (seen: 100 parallel wrong passwords took it to 2 GB).
+/// 19 MiB while it runs. Without a cap, a burst of logins, wrong passwords included, grew the
+/// process by that much per login: 100 parallel wrong passwords took it to 2 GB on a test machine.
 static VERIFICATIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
     let cores = std::thread::available_parallelism().map_or(2, usize::from);
     tokio::sync::Semaphore::new(cores.clamp(2, 8))

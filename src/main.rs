@@ -145,7 +145,7 @@ fn check_config(settings: &Settings) -> ExitCode {
     ftpsd::telemetry::init(&config.log);
     match ftpsd::server::prepare(config) {
         Ok(prepared) => {
-            // The configuration holds paths and settings only; passwords live in the users file.
+            // The configuration contains paths and settings only. Passwords live in the users file.
             match toml::to_string(&prepared.config) {
                 Ok(text) => print!("{text}"),
                 Err(error) => eprintln!("error: cannot print the configuration: {error}"),

@@ -2,7 +2,7 @@
 //! (`ftp_*`), so that one scrape of `/metrics` returns both.
 //!
 //! Counters with labels are created for every known label value by [`init`], so that a dashboard
-//! sees 0 instead of no series before the first event.
+//! shows 0 instead of no series before the first event.
 
 use std::{
     sync::LazyLock,

@@ -72,7 +72,7 @@ fn with_default_directives(mut directives: String) -> String {
         directives.push_str(&format!(",{SESSION_SPAN_TARGET}=info"));
     }
     // libunftp and unftp-sbe-fs annotate functions with tracing spans that print whole session
-    // structs; their slog records, which reach us through the bridge below, carry the useful part.
+    // structs. Their slog records, which arrive through the bridge below, carry the useful part.
     for noisy in ["libunftp", "unftp_sbe_fs", "unftp_core"] {
         if !directives
             .split(',')
@@ -84,7 +84,7 @@ fn with_default_directives(mut directives: String) -> String {
     directives
 }
 
-/// A slog logger whose records become `tracing` events with target `ftpsd::engine`.
+/// Returns a slog logger whose records become `tracing` events with target `ftpsd::engine`.
 pub fn libunftp_logger() -> slog::Logger {
     slog::Logger::root(SlogToTracing, slog::o!())
 }

@@ -23,7 +23,7 @@ use crate::config::{PassiveHost, TlsConfig};
 pub const GENERATED_CERT: &str = "cert.pem";
 pub const GENERATED_KEY: &str = "key.pem";
 
-/// Why TLS material could not be loaded or generated.
+/// Failure to load or generate TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read certificate file {path}: {source}: check tls.cert_file")]
@@ -48,7 +48,7 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Where the certificate and key come from.
+/// Paths of the certificate and key, and whether ftpsd generated them.
 #[derive(Debug, Clone)]
 pub struct CertificateFiles {
     pub cert: PathBuf,
@@ -214,7 +214,7 @@ impl ResolvesServerCert for CertificateStore {
     }
 }
 
-/// The *ring* provider, because it builds into a static musl binary with a C compiler alone.
+/// Returns the *ring* provider, which builds into a static musl binary with a C compiler alone.
 // NOTE: rustls 0.23.48 deprecates it for lacking post-quantum key exchange; switching to
 // aws-lc-rs adds that but needs cmake in the image's build stage.
 #[allow(deprecated)]
@@ -231,18 +231,19 @@ pub fn server_config(store: Arc<CertificateStore>) -> Result<Arc<ServerConfig>, 
         .with_cert_resolver(store);
     config.session_storage = Arc::new(SessionCache::new(1024));
     // No TLS 1.3 session tickets. The server sends them right after the handshake, and a client
-    // that only writes on an upload data connection (curl, lftp) never reads them; closing a
-    // socket with unread data makes the kernel send RST instead of FIN, and the server then
-    // loses the end of the upload with "connection reset". TLS 1.2 clients still resume through
-    // the session-ID cache above.
+    // that only writes on an upload data connection (curl, lftp) never reads them. Closing a
+    // socket with unread data makes the kernel send RST instead of FIN, so the server loses the
+    // end of the upload with "connection reset". TLS 1.2 clients still resume through the
+    // session-ID cache above.
     config.send_tls13_tickets = 0;
     config.key_log = Arc::new(rustls::NoKeyLog {});
     Ok(Arc::new(config))
 }
 
 /// A TLS 1.2 session-ID cache whose `take` keeps the entry. rustls calls `take` on every
-/// resumption, but FileZilla resumes the control connection's session for each data connection,
-/// so a cache that forgets on first use makes its second transfer fail.
+/// resumption, and a client that resumes the control connection's session for each data
+/// connection needs the entry more than once. libunftp 0.24.0's own cache (src/server/tls.rs)
+/// keeps entries for the same reason, and its comment names FileZilla as such a client.
 #[derive(Debug)]
 struct SessionCache {
     entries: std::sync::Mutex<std::collections::VecDeque<(Vec<u8>, Vec<u8>)>>,

@@ -466,7 +466,7 @@ def test_generated_certificate_names(make_server):
 
 
 def test_curl_uploads_keep_every_byte(server, tmp_path):
-    # curl never reads on an upload data connection; if the server sent TLS 1.3 session tickets
+    # curl never reads on an upload data connection. If the server sent TLS 1.3 session tickets
     # there, curl's close would reset the connection and cut the upload's tail.
     source = tmp_path / "tail.bin"
     source.write_bytes(os.urandom(300_000))
@@ -485,7 +485,7 @@ def test_passive_host_dns_name_is_resolved(make_server):
     client.close()
 
 
-def test_anonymous_is_off_by_default_and_read_only_when_on(make_server):
+def test_anonymous_off_then_read_only(make_server):
     server = make_server().start()
     with pytest.raises(ftplib.error_perm, match="^530"):
         server.ftps(user="anonymous", password="guest@example.com")

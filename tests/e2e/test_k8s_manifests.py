@@ -338,7 +338,7 @@ def test_pod_configuration_passes_check_config(rendering, tmp_path, ftpsd_binary
 
 def test_service_link_variables_ignored(rendering, tmp_path, ftpsd_binary):
     """A manifest without enableServiceLinks: false gets these variables for the Service named
-    ftpsd; they share the FTPSD_ prefix but are not keys, so ftpsd ignores them. A misspelt key
+    ftpsd. They share the FTPSD_ prefix but are not keys, so ftpsd ignores them. A misspelt key
     is still rejected."""
     environment = pod_environment(rendering, tmp_path)
     environment["FTPSD_PORT"] = "tcp://192.0.2.1:21"

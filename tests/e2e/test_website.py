@@ -374,8 +374,8 @@ def test_temp_names_hidden_and_rejected(make_site):
 def test_listings_survive_concurrent_uploads(make_site):
     """Each atomic upload renames a file in the directory; a LIST, NLST, MLSD or CWD that reads
     the directory at that moment must still succeed and show only complete files."""
-    # NOTE: the wide passive range makes it rare that two sessions bind the same passive port at
-    # once; the engine then answers PASV with 425 instead of trying another port.
+    # NOTE: on a small range, concurrent sessions can still rarely get 425 from PASV, because the
+    # engine's search for a free port is not atomic. The wide range keeps that out of this test.
     server, _nginx = make_site(passive_count=200)
     home = server.data_dir / "alice"
     (home / "busy").mkdir()
